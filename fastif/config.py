@@ -43,8 +43,10 @@ class ModelConfig:
     num_hidden_layers: int = 2
     num_attention_heads: int = 2
     intermediate_size: int = 128
-    dropout: float = field(default=0.1, metadata={"help": "Hidden and attention dropout of a model built from scratch (name_or_path=demo)."})
+    dropout: float = field(default=0.0, metadata={"help": "Hidden and attention dropout of a model built from scratch (name_or_path=demo); the demo learns fastest without."})
     init_seed: int = field(default=0, metadata={"help": "Seed of the random initialisation of a model built from scratch (name_or_path=demo)."})
+    initializer_range: float = field(default=0.1, metadata={"help": "Std of the random weights of a model built from scratch (BERT's 0.02 makes the tiny demo model learn much more slowly)."})
+    alignment_init: float = field(default=1.0, metadata={"help": "Scale of the word-alignment initialisation of the first attention layer of a model built from scratch: its query/key start as the identity, with the segment direction reflected in the key, so hypothesis words attend to the same words in the premise (0 disables)."})
 
     def __post_init__(self) -> None:
         _check(self.num_labels >= 2, "model.num_labels", f"got {self.num_labels}, need >= 2", "set model.num_labels=2 or 3")
@@ -57,6 +59,8 @@ class ModelConfig:
                f"{self.hidden_size} is not a multiple of model.num_attention_heads={self.num_attention_heads}",
                "choose hidden_size divisible by num_attention_heads, e.g. model.hidden_size=64 model.num_attention_heads=2")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", f"got {self.dropout}, need 0 <= dropout < 1", "e.g. model.dropout=0.1")
+        _check(self.initializer_range > 0, "model.initializer_range", f"got {self.initializer_range}, need > 0", "e.g. model.initializer_range=0.1")
+        _check(self.alignment_init >= 0, "model.alignment_init", f"got {self.alignment_init}, need >= 0", "e.g. model.alignment_init=1.0 (0 disables)")
 
 
 @dataclass
@@ -67,7 +71,7 @@ class DataConfig:
     challenge: Optional[str] = field(default="challenge", metadata={"help": "Challenge split (HANS-style), or a path; null for none."})
     label_map: str = field(default="2way", metadata={"help": "'2way' (entailment vs non-entailment) or '3way'."})
     max_train: Optional[int] = field(default=None, metadata={"help": "Use only the first n training examples (null: all)."})
-    demo_train_size: int = field(default=3000, metadata={"help": "Size of the generated demo training split."})
+    demo_train_size: int = field(default=8000, metadata={"help": "Size of the generated demo training split."})
     demo_eval_size: int = field(default=600, metadata={"help": "Size of the generated demo dev and challenge splits."})
     seed: int = field(default=0, metadata={"help": "Seed of the demo data generator."})
     demo_shortcut: float = field(default=0.93, metadata={"help": "Fraction of demo train/dev pairs with every hypothesis word in the premise that are entailment (the spurious overlap shortcut; the challenge split is always 50/50)."})
@@ -82,7 +86,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: float = field(default=3.0, metadata={"help": "Training epochs (may be fractional)."})
+    epochs: float = field(default=4.0, metadata={"help": "Training epochs (may be fractional)."})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     batch_size: int = field(default=32, metadata={"help": "Training batch size."})
