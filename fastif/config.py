@@ -75,6 +75,8 @@ class DataConfig:
     demo_eval_size: int = field(default=600, metadata={"help": "Size of the generated demo dev and challenge splits."})
     seed: int = field(default=0, metadata={"help": "Seed of the demo data generator."})
     demo_shortcut: float = field(default=0.93, metadata={"help": "Fraction of demo train/dev pairs with every hypothesis word in the premise that are entailment (the spurious overlap shortcut; the challenge split is always 50/50)."})
+    pool: Optional[str] = field(default=None, metadata={"help": "Candidate pool of `fastif finetune-correct` (split name, path or '<dataset>:<split>'); null = the training split. Set it to data the model never saw (e.g. hans:train) for the unseen-pool experiments."})
+    root: Optional[str] = field(default=None, metadata={"help": "Folder that relative file names in train/eval/challenge/pool are looked up in; 'nli-pack' = the offline NLI pack found by fastif.data.nli.shared_nli_dir() (env FASTIF_NLI_DIR); null = the working directory."})
 
     def __post_init__(self) -> None:
         _check(self.label_map in ("2way", "3way"), "data.label_map", f"got '{self.label_map}'", "use 2way or 3way")
@@ -82,6 +84,8 @@ class DataConfig:
         _check(self.demo_train_size >= 10, "data.demo_train_size", f"got {self.demo_train_size}, need >= 10", "raise it")
         _check(self.demo_eval_size >= 10, "data.demo_eval_size", f"got {self.demo_eval_size}, need >= 10", "raise it")
         _check(0.0 <= self.demo_shortcut <= 1.0, "data.demo_shortcut", f"got {self.demo_shortcut}, need 0 <= x <= 1", "e.g. data.demo_shortcut=0.93")
+        _check(self.pool is None or bool(str(self.pool).strip()), "data.pool", "empty string", "name a split or file, or set data.pool=null (the training split)")
+        _check(self.root is None or bool(str(self.root).strip()), "data.root", "empty string", "use data.root=nli-pack, a folder, or null")
 
 
 @dataclass
@@ -109,7 +113,7 @@ class TrainConfig:
 @dataclass
 class HvpConfig:
     solver: str = field(default="lissa", metadata={"help": "Inverse-HVP solver: exact (dense, small parameter sets), cg or lissa."})
-    damping: float = field(default=0.001, metadata={"help": "lambda in (H + lambda I)^-1. For LiSSA this is the effective damping d*scale."})
+    damping: float = field(default=0.01, metadata={"help": "lambda in (H + lambda I)^-1 (for LiSSA too: fastif derives d = lambda / scale). Must exceed minus the smallest Hessian eigenvalue."})
     scale: float = field(default=0.0, metadata={"help": "LiSSA scale s (> top Hessian eigenvalue); 0 = choose from a power-iteration estimate."})
     depth: int = field(default=500, metadata={"help": "LiSSA recursion steps per chain."})
     batch_size: int = field(default=8, metadata={"help": "Minibatch size of each LiSSA/CG Hessian-vector product."})
@@ -117,8 +121,13 @@ class HvpConfig:
     tol: float = field(default=1e-4, metadata={"help": "Stop when the relative change of s_test falls below tol (LiSSA: over a window; CG: residual)."})
     max_iter: int = field(default=200, metadata={"help": "CG iteration cap."})
     seed: int = field(default=0, metadata={"help": "Seed of the minibatch sampling."})
+    tail_average: float = field(default=0.5, metadata={"help": "LiSSA: fraction of the last steps whose iterates are averaged (0 = last iterate, as the original)."})
+    from_calibration: Optional[str] = field(default=None, metadata={"help": "Take every hvp field from a calibration's recommended.yaml instead: 'latest' (the latest complete `fastif hvp-calibrate` run of this experiment; what hvp=calibrated sets), a calibration run folder, or a recommended.yaml path; null = use the fields here."})
 
     def __post_init__(self) -> None:
+        _check(0.0 <= self.tail_average < 1.0, "hvp.tail_average", f"got {self.tail_average}", "use a value in [0, 1), e.g. hvp.tail_average=0.5")
+        _check(self.from_calibration is None or bool(str(self.from_calibration).strip()), "hvp.from_calibration", "empty string",
+               "use hvp.from_calibration=latest, a calibration run folder, a recommended.yaml path, or null")
         _check(self.solver in SOLVERS, "hvp.solver", f"got '{self.solver}'", f"use one of {', '.join(SOLVERS)}")
         _check(self.damping >= 0, "hvp.damping", f"got {self.damping}, need >= 0", "e.g. hvp.damping=0.001")
         _check(self.scale >= 0, "hvp.scale", f"got {self.scale}, need >= 0", "e.g. hvp.scale=0 (auto) or hvp.scale=100")

@@ -39,7 +39,14 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 def make_batch(dataset: Dataset, indices: Sequence[int], device: torch.device, collate_fn: Optional[Callable] = None) -> Any:
+    """The examples ``indices`` as one batch on ``device``.
+
+    Fast paths (no per-item collation): TensorDataset, and datasets with a
+    ``batch(indices)`` method returning what the default collate would.
+    """
     collate = collate_fn or default_collate
+    if collate_fn is None and callable(getattr(dataset, "batch", None)):
+        return to_device(dataset.batch(list(indices)), device)
     if isinstance(dataset, TensorDataset):
         # Index tensors directly: much faster than collating one tuple per example.
         idx = torch.as_tensor(list(indices), dtype=torch.long)

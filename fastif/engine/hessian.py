@@ -122,9 +122,9 @@ class HessianOperator:
 def top_eigenvalue(
     operator: HessianOperator,
     *,
-    iters: int = 50,
-    tol: float = 1e-3,
-    sample_size: Optional[int] = 2048,
+    iters: int = 30,
+    tol: float = 1e-2,
+    sample_size: Optional[int] = 512,
     seed: int = 0,
 ) -> float:
     """Largest-magnitude eigenvalue of H by power iteration on HVPs.
@@ -133,6 +133,29 @@ def top_eigenvalue(
     them if None or if the set is smaller), which is what the LiSSA scale must exceed.
     Stops when the estimate changes by less than ``tol`` (relative).
     """
+    return _power_iteration(operator, 0.0, iters=iters, tol=tol, sample_size=sample_size, seed=seed)
+
+
+def smallest_eigenvalue(
+    operator: HessianOperator,
+    top: float,
+    *,
+    iters: int = 30,
+    tol: float = 1e-2,
+    sample_size: Optional[int] = 512,
+    seed: int = 0,
+) -> float:
+    """Smallest (most negative) eigenvalue of H, by power iteration on (top I - H).
+
+    Negative curvature (a model away from a minimum) is what makes LiSSA and CG fail
+    even with a large scale: H + lambda I needs lambda > -smallest eigenvalue.
+    """
+    shift = abs(top) * 1.05
+    return shift - _power_iteration(operator, shift, iters=iters, tol=tol, sample_size=sample_size, seed=seed)
+
+
+def _power_iteration(operator: HessianOperator, shift: float, *, iters: int, tol: float, sample_size: Optional[int], seed: int) -> float:
+    """Dominant eigenvalue of (shift I - H) if shift else of H, Rayleigh quotient of the last vector."""
     gen = torch.Generator().manual_seed(seed)
     indices = None
     if sample_size is not None and sample_size < operator.n:
@@ -142,6 +165,8 @@ def top_eigenvalue(
     estimate = 0.0
     for _ in range(iters):
         hv = operator.matvec(v, indices)
+        if shift:
+            hv = shift * v - hv
         new = float((v * hv).sum())
         norm = float(hv.norm())
         if norm == 0.0 or not math.isfinite(norm):

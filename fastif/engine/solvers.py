@@ -28,7 +28,7 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from fastif.engine.hessian import HessianOperator, top_eigenvalue
+from fastif.engine.hessian import HessianOperator, smallest_eigenvalue, top_eigenvalue
 from fastif.errors import ConfigError, SolverDivergenceError
 
 
@@ -198,13 +198,27 @@ class LissaSolver:
         top = top_eigenvalue(operator, seed=self.seed)
         return max(self.scale_safety * abs(top), 2.0 * damping, 1e-8)
 
-    def _divergence(self, operator: HessianOperator, scale: float, step: int, norm_ratio: float) -> SolverDivergenceError:
+    def _divergence(self, operator: HessianOperator, scale: float, damping: float, step: int, norm_ratio: float) -> SolverDivergenceError:
+        """Name the cause: a scale below the top eigenvalue, or negative curvature the damping does not cover."""
         top = abs(top_eigenvalue(operator, seed=self.seed))
-        needed = max(1.1 * top, scale * 2)
+        where = f"LiSSA diverged at step {step} (||h|| / ||v|| = {norm_ratio:.3g}) with scale={scale:g}, damping={damping:g}"
+        if scale < 1.05 * top:
+            needed = 1.1 * top
+            return SolverDivergenceError(
+                f"{where}: the scale must exceed the Hessian's top eigenvalue, estimated at {top:.4g} by power iteration. "
+                f"Raise hvp.scale to at least {needed:.4g} ({needed / scale:.1f}x the current value), or leave hvp.scale=0 to choose it automatically."
+            )
+        bottom = smallest_eigenvalue(operator, top, seed=self.seed)
+        if bottom + damping <= 0:
+            needed = max(-bottom * 1.5, 2 * damping, 1e-4)
+            return SolverDivergenceError(
+                f"{where}: the Hessian has negative curvature (smallest eigenvalue about {bottom:.3g}; the model is not at a "
+                f"minimum of the training loss over the selected parameters), so H + damping I is not positive definite. "
+                f"Raise hvp.damping to at least {needed:.3g}, or train the model further."
+            )
         return SolverDivergenceError(
-            f"LiSSA diverged at step {step} (||h|| / ||v|| = {norm_ratio:.3g}) with scale={scale:g}: the scale must exceed the "
-            f"Hessian's top eigenvalue, estimated at {top:.4g} by power iteration. Raise hvp.scale to at least {needed:.4g} "
-            f"({needed / scale:.1f}x the current value), or leave hvp.scale=0 to choose it automatically."
+            f"{where}, although scale exceeds the top eigenvalue ({top:.4g}) and damping covers the smallest ({bottom:.3g}) "
+            f"on a sample of the data: minibatch Hessians of size {self.batch_size} are noisier. Raise hvp.batch_size or hvp.scale (e.g. 2x)."
         )
 
     def solve(self, operator: HessianOperator, rhs: torch.Tensor, damping: float = 0.0) -> SolveResult:
@@ -230,7 +244,7 @@ class LissaSolver:
                 h_new = rhs + (1.0 - d) * h - hv / scale
                 ratio = float((_row_norms(h_new) / v_norm).max())
                 if not math.isfinite(ratio) or ratio > bound:
-                    raise self._divergence(operator, scale, step, ratio)
+                    raise self._divergence(operator, scale, damping, step, ratio)
                 rel = float((_row_norms(h_new - h) / _row_norms(h_new).clamp_min(1e-300)).max())
                 h = h_new
                 if step >= tail_start:
