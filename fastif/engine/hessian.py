@@ -103,16 +103,32 @@ class HessianOperator:
         return self._batch_hvp(batch, vectors, 1.0 / len(indices))
 
     def dense(self, chunk: int = 256) -> torch.Tensor:
-        """The full P x P Hessian in float64 (P HVPs, ``chunk`` basis vectors per pass)."""
+        """The full P x P Hessian in float64.
+
+        Each data batch builds its gradient graph once; ``chunk`` basis vectors at a time
+        are then pushed through the batched double backward of that same graph.
+        """
         p = self.dim
         dtype = self.selection_dtype()
-        columns = []
-        for start in range(0, p, chunk):
-            stop = min(p, start + chunk)
-            basis = torch.zeros(stop - start, p, dtype=dtype, device=self.device)
-            basis[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
-            columns.append(self.matvec(basis).to(torch.float64))
-        h = torch.cat(columns, dim=0)
+        params = self.selection.tensors(self.model)
+        h = torch.zeros(p, p, dtype=torch.float64, device=self.device)
+        for _, batch in iterate_batches(self.data, self.batch_size, self.device, None, self.collate_fn):
+            self.hvp_calls += 1
+            with requires_grad_only(self.model, self.selection), torch.enable_grad():
+                losses = self.loss_fn(self.model, batch)
+                grads = torch.autograd.grad(losses.sum() / self.n, params, create_graph=True)
+                flat_grad = self.selection.flatten(list(grads))
+                if not flat_grad.requires_grad:
+                    continue
+                for start in range(0, p, chunk):
+                    stop = min(p, start + chunk)
+                    basis = torch.zeros(stop - start, p, dtype=dtype, device=self.device)
+                    basis[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
+                    rows = torch.autograd.grad(flat_grad, params, grad_outputs=basis, is_grads_batched=True,
+                                               retain_graph=True, allow_unused=True)
+                    pieces = [torch.zeros(stop - start, *s, dtype=dtype, device=self.device) if r is None else r
+                              for r, s in zip(rows, self.selection.shapes)]
+                    h[start:stop] += self.selection.flatten(pieces).to(torch.float64)
         return 0.5 * (h + h.T)  # symmetrise away round-off
 
     def selection_dtype(self) -> torch.dtype:
@@ -138,20 +154,39 @@ def top_eigenvalue(
 
 def smallest_eigenvalue(
     operator: HessianOperator,
-    top: float,
     *,
-    iters: int = 30,
+    iters: int = 8,
     tol: float = 1e-2,
     sample_size: Optional[int] = 512,
     seed: int = 0,
 ) -> float:
-    """Smallest (most negative) eigenvalue of H, by power iteration on (top I - H).
+    """Smallest (most negative) eigenvalue of H, by Lanczos (scipy's ``eigsh``) on HVPs.
 
     Negative curvature (a model away from a minimum) is what makes LiSSA and CG fail
-    even with a large scale: H + lambda I needs lambda > -smallest eigenvalue.
+    even with a large scale: H + lambda I needs lambda > -smallest eigenvalue. Power
+    iteration on a shifted H converges too slowly for this; Lanczos needs a few dozen HVPs
+    (``iters`` restarts of at most 20). NaN when it does not converge.
     """
-    shift = abs(top) * 1.05
-    return shift - _power_iteration(operator, shift, iters=iters, tol=tol, sample_size=sample_size, seed=seed)
+    import numpy as np
+    from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+
+    gen = torch.Generator().manual_seed(seed)
+    indices = None
+    if sample_size is not None and sample_size < operator.n:
+        indices = torch.randperm(operator.n, generator=gen)[:sample_size].tolist()
+    dtype = operator.selection_dtype()
+
+    def matvec(x):
+        v = torch.as_tensor(np.asarray(x, dtype=np.float64).reshape(1, -1), dtype=dtype, device=operator.device)
+        return operator.matvec(v, indices)[0].double().cpu().numpy()
+
+    linear = LinearOperator((operator.dim, operator.dim), matvec=matvec, dtype=np.float64)
+    start = torch.randn(operator.dim, generator=gen, dtype=torch.float64).numpy()
+    try:
+        values = eigsh(linear, k=1, which="SA", maxiter=iters, tol=tol, v0=start, return_eigenvectors=False)
+    except ArpackNoConvergence as partial:
+        values = partial.eigenvalues if len(partial.eigenvalues) else np.array([float("nan")])
+    return float(values.min())
 
 
 def _power_iteration(operator: HessianOperator, shift: float, *, iters: int, tol: float, sample_size: Optional[int], seed: int) -> float:

@@ -208,7 +208,7 @@ class LissaSolver:
                 f"{where}: the scale must exceed the Hessian's top eigenvalue, estimated at {top:.4g} by power iteration. "
                 f"Raise hvp.scale to at least {needed:.4g} ({needed / scale:.1f}x the current value), or leave hvp.scale=0 to choose it automatically."
             )
-        bottom = smallest_eigenvalue(operator, top, seed=self.seed)
+        bottom = smallest_eigenvalue(operator, seed=self.seed)
         if bottom + damping <= 0:
             needed = max(-bottom * 1.5, 2 * damping, 1e-4)
             return SolverDivergenceError(
