@@ -23,6 +23,7 @@ _PUBLIC = {
     "directional_derivatives": "fastif.engine.gradients",
     "HessianOperator": "fastif.engine.hessian",
     "top_eigenvalue": "fastif.engine.hessian",
+    "smallest_eigenvalue": "fastif.engine.hessian",
     "query_gradients": "fastif.engine.scoring",
     "ExactSolver": "fastif.engine.solvers",
     "CGSolver": "fastif.engine.solvers",

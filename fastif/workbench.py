@@ -35,12 +35,14 @@ class Workbench:
     device: torch.device
     model_source: str
     selection: ParameterSelection
+    hvp: HvpConfig  # the inverse-HVP settings in force (``hvp=calibrated`` resolved to its recommendation)
     frames: Dict[str, pd.DataFrame] = field(default_factory=dict)
     data: Dict[str, EncodedDataset] = field(default_factory=dict)
 
 
 def open_workbench(settings: ExperimentSettings, run: Run, splits: Sequence[str] = ("train", "eval", "challenge")) -> Workbench:
-    """Load the model (training the demo model on first use), the splits, and the selection."""
+    """Load the model (training the demo model on first use), the splits, the selection and the HVP settings."""
+    from fastif.calibration import resolve_hvp
     from fastif.data import load_splits
     from fastif.demo_model import resolve_model_source
     from fastif.models import load_classifier, resolve_device
@@ -54,9 +56,10 @@ def open_workbench(settings: ExperimentSettings, run: Run, splits: Sequence[str]
         run.annotate(**{f"data_{name}": {"rows": len(frame), "sha256": frame_sha256(frame)}})
     data = {name: encode(frame, tokenizer, settings.model.max_length) for name, frame in frames.items()}
     selection = select_parameters(model, settings.model.influence_params)
+    hvp, _ = resolve_hvp(settings.hvp, settings.paths.outputs, settings.experiment_name, run)
     log.info("model %s on %s; influence over %d parameters (%d tensors); splits %s",
              source, device, selection.numel, len(selection.names), {k: len(v) for k, v in frames.items()})
-    return Workbench(model=model, tokenizer=tokenizer, device=device, model_source=source, selection=selection, frames=frames, data=data)
+    return Workbench(model=model, tokenizer=tokenizer, device=device, model_source=source, selection=selection, hvp=hvp, frames=frames, data=data)
 
 
 def make_solver(hvp: HvpConfig, chains: int | None = None, seed_offset: int = 0) -> Solver:

@@ -112,7 +112,7 @@ def recall_audit_run(settings: ExperimentSettings, workbench, index, run: Run) -
     candidates, _ = index.search(q_features, max(ks))
     operator = HessianOperator(workbench.model, loss_fn, workbench.data["train"], workbench.selection, batch_size=64)
     grads = query_gradients(workbench.model, loss_fn, queries, workbench.selection)
-    s_test = make_solver(settings.hvp).solve(operator, grads, settings.hvp.damping).vectors
+    s_test = make_solver(workbench.hvp).solve(operator, grads, workbench.hvp.damping).vectors
     scores = score_candidates(workbench.model, loss_fn, workbench.data["train"], s_test, workbench.selection, batch_size=128)
     table = recall_audit(scores, candidates, ks, audit.ms)
     run.write_parquet("recall.parquet", table)

@@ -128,7 +128,7 @@ def execute(settings: InfluenceSettings, run: Run) -> None:
 
     workbench = open_workbench(settings, run, splits=("train", settings.tests.split))
     dist = Distributed.from_environment(workbench.device)
-    hvp = settings.hvp
+    hvp = workbench.hvp
     train, test = workbench.data["train"], workbench.data[settings.tests.split]
     test_frame, train_frame = workbench.frames[settings.tests.split], workbench.frames["train"]
     probs, losses = predict(workbench.model, test, settings.train.eval_batch_size, workbench.device)
