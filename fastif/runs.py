@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import hashlib
+import io
 import json
 import logging
 import os
@@ -343,18 +344,9 @@ class Run:
         return atomic_write_text(self.dir / name, text)
 
     def write_parquet(self, name: str, frame) -> Path:
-        target = self.dir / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-        try:
-            frame.to_parquet(tmp, index=False)
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        return target
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, index=False)
+        return atomic_write_bytes(self.dir / name, buffer.getvalue())
 
     # -- context manager --------------------------------------------------------------------
 

@@ -150,3 +150,15 @@ def test_directional_derivatives_strategies_agree(tiny_bert):
     hooks = directional_derivatives(model, sequence_classification_loss, batch, sel, dirs, "hooks")
     jvp = directional_derivatives(model, sequence_classification_loss, batch, sel, dirs, "jvp")
     assert torch.allclose(hooks, jvp, atol=1e-10)
+
+
+def test_few_directions_layerwise_scoring_equals_materialised_gradients(tiny_bert):
+    """For one or two directions hooks score layer by layer; it must equal per-example gradients . v."""
+    model, train, _ = tiny_bert
+    sel = select_parameters(model, ["re:(?!.*position_embeddings).*"])
+    batch = torch.utils.data.default_collate([train[i] for i in range(7)])
+    grads = per_example_gradients(model, sequence_classification_loss, batch, sel, "hooks")
+    dirs = torch.randn(2, sel.numel, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    for t in (1, 2):
+        got = directional_derivatives(model, sequence_classification_loss, batch, sel, dirs[:t], "hooks")
+        assert torch.allclose(got, grads @ dirs[:t].T, atol=1e-9)

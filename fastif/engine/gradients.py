@@ -29,6 +29,8 @@ from fastif.engine.data import LossFn
 from fastif.engine.params import ParameterSelection, requires_grad_only
 
 STRATEGIES = ("auto", "hooks", "vmap", "jvp")
+# Up to this many directions, hooks score layer by layer instead of forming (B, P) gradients.
+_FEW_DIRECTIONS = 2
 _HOOKABLE = (nn.Linear, nn.LayerNorm, nn.Embedding)
 
 
@@ -96,7 +98,9 @@ def _layer_per_example_grads(module: nn.Module, x: torch.Tensor, dy: torch.Tenso
     raise TypeError(f"no per-example rule for {type(module).__name__}")
 
 
-def _hooked_gradients(model: nn.Module, loss_fn: LossFn, batch: Any, selection: ParameterSelection) -> torch.Tensor:
+def _capture_layer_calls(model: nn.Module, loss_fn: LossFn, batch: Any, selection: ParameterSelection):
+    """One forward and one backward of the summed loss, keeping each selected layer call's
+    input and output gradient: ``(losses, [(layer name, input, output gradient), ...])``."""
     modules = dict(model.named_modules())
     owners = sorted({name.rpartition(".")[0] for name in selection.names})
     calls: List[Tuple[str, torch.Tensor, torch.Tensor]] = []
@@ -111,14 +115,13 @@ def _hooked_gradients(model: nn.Module, loss_fn: LossFn, batch: Any, selection: 
     try:
         with requires_grad_only(model, selection), torch.enable_grad():
             losses = loss_fn(model, batch)
-            outputs = [c[2] for c in calls]
-            dys = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+            dys = torch.autograd.grad(losses.sum(), [c[2] for c in calls], allow_unused=True)
     finally:
         for h in handles:
             h.remove()
     b = losses.shape[0]
-    per_param: Dict[str, torch.Tensor] = {}
-    for (owner, x, out), dy in zip(calls, dys):
+    captured = []
+    for (owner, x, _), dy in zip(calls, dys):
         if dy is None:
             continue
         if x.shape[0] != b or dy.shape[0] != b:
@@ -127,6 +130,16 @@ def _hooked_gradients(model: nn.Module, loss_fn: LossFn, batch: Any, selection: 
                 "position embeddings), so hooks cannot split its gradient per example. Exclude it from the "
                 "influence parameters or use strategy='jvp'."
             )
+        captured.append((owner, x, dy))
+    return losses.detach(), captured
+
+
+def _hooked_gradients(model: nn.Module, loss_fn: LossFn, batch: Any, selection: ParameterSelection) -> torch.Tensor:
+    losses, captured = _capture_layer_calls(model, loss_fn, batch, selection)
+    modules = dict(model.named_modules())
+    b = losses.shape[0]
+    per_param: Dict[str, torch.Tensor] = {}
+    for owner, x, dy in captured:
         for attr, g in _layer_per_example_grads(modules[owner], x, dy).items():
             key = f"{owner}.{attr}" if owner else attr
             per_param[key] = per_param[key] + g if key in per_param else g
@@ -136,6 +149,33 @@ def _hooked_gradients(model: nn.Module, loss_fn: LossFn, batch: Any, selection: 
         for n, s in zip(selection.names, selection.shapes)
     ]
     return torch.cat(pieces, dim=1)
+
+
+def _hooked_directional(model: nn.Module, loss_fn: LossFn, batch: Any, selection: ParameterSelection, directions: torch.Tensor) -> torch.Tensor:
+    """grad L(z_j) . v_t from layer inputs and output gradients without forming per-example
+    gradients: for few directions this saves writing and reading a (B, P) matrix."""
+    losses, captured = _capture_layer_calls(model, loss_fn, batch, selection)
+    modules = dict(model.named_modules())
+    parts = dict(zip(selection.names, selection.unflatten(directions)))  # name -> (T, *shape)
+    out = torch.zeros(losses.shape[0], directions.shape[0], dtype=directions.dtype, device=losses.device)
+    for owner, x, dy in captured:
+        module = modules[owner]
+        weight = parts.get(f"{owner}.weight" if owner else "weight")
+        bias = parts.get(f"{owner}.bias" if owner else "bias")
+        b = x.shape[0]
+        if isinstance(module, nn.Linear):
+            x2, dy2 = x.reshape(b, -1, x.shape[-1]).to(out.dtype), dy.reshape(b, -1, dy.shape[-1]).to(out.dtype)
+            if weight is not None:
+                for t in range(weight.shape[0]):  # (x W_t^T) . dy, summed over positions and outputs
+                    out[:, t] += ((x2 @ weight[t].T) * dy2).sum((1, 2))
+            if bias is not None:
+                out += dy2.sum(1) @ bias.T
+        else:  # LayerNorm and Embedding: their per-example gradients are small, form them
+            for attr, g in _layer_per_example_grads(module, x, dy).items():
+                vec = weight if attr == "weight" else bias
+                if vec is not None:
+                    out += g.reshape(b, -1).to(out.dtype) @ vec.reshape(vec.shape[0], -1).T
+    return out
 
 
 def _vmapped_gradients(model: nn.Module, loss_fn: LossFn, batch: Any, selection: ParameterSelection) -> torch.Tensor:
@@ -194,6 +234,8 @@ def directional_derivatives(
     strategy = resolve_strategy(model, loss_fn, batch, selection, strategy)
     if strategy == "jvp":
         return _jvp_directional(model, loss_fn, batch, selection, directions)
+    if strategy == "hooks" and directions.shape[0] <= _FEW_DIRECTIONS:
+        return _hooked_directional(model, loss_fn, batch, selection, directions)
     g = per_example_gradients(model, loss_fn, batch, selection, strategy)
     return g @ directions.to(g.dtype).T
 
