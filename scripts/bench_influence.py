@@ -54,7 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--outputs", default="outputs", help="outputs root holding (or receiving) the demo training run")
     parser.add_argument("--n-train", type=int, default=50_000)
-    parser.add_argument("--tests", type=int, default=8, help="misclassified challenge points scored")
+    parser.add_argument("--tests", type=int, default=4, help="misclassified challenge points scored")
     parser.add_argument("--damping", type=float, default=0.3)
     parser.add_argument("--reference-depth", type=int, default=1000)
     args = parser.parse_args()
@@ -86,11 +86,16 @@ def main() -> None:
     fast_scores = score_candidates(model, loss_fn, train, s_fast, selection, candidates=candidates, batch_size=256)
     fast_seconds = time.perf_counter() - start
 
-    # Full scan with the reference LiSSA settings
+    # Full scan with the reference settings, one test point at a time as the reference code runs
+    # (its LiSSA: minibatch 128, depth 1000, last iterate); scoring uses fastif's batched engine,
+    # which only flatters the baseline.
     start = time.perf_counter()
     ref_solver = LissaSolver(scale=fast_solver.scale, depth=args.reference_depth, batch_size=128, seed=1, tail_average=0.0)
-    s_ref = ref_solver.solve(operator, grads, args.damping).vectors
-    full_scores = score_candidates(model, loss_fn, train, s_ref, selection, batch_size=512)
+    rows = []
+    for i in range(t):
+        s_ref = ref_solver.solve(operator, grads[i : i + 1], args.damping).vectors
+        rows.append(score_candidates(model, loss_fn, train, s_ref, selection, batch_size=512))
+    full_scores = torch.cat(rows)
     full_seconds = time.perf_counter() - start
 
     spearman, overlap = [], []
@@ -100,7 +105,6 @@ def main() -> None:
         top_fast = set(candidates[i][torch.argsort(fast_scores[i])[:10]].tolist())
         top_full = set(candidates[i][torch.argsort(shared)[:10]].tolist())
         overlap.append(len(top_fast & top_full) / 10)
-        # recall of the full scan's global top-10 helpful among the kNN candidates (what the prefilter loses)
     print(f"| N | k | test points | kNN FastIF s/test | full scan s/test | speed-up | Spearman (shared) | top-10 overlap | index build s |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| {args.n_train:,} | {k} | {t} | {fast_seconds / t:.3f} | {full_seconds / t:.2f} | {full_seconds / fast_seconds:.0f}x | "

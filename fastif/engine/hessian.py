@@ -102,7 +102,7 @@ class HessianOperator:
         batch = make_batch(self.data, indices, self.device, self.collate_fn)
         return self._batch_hvp(batch, vectors, 1.0 / len(indices))
 
-    def dense(self, chunk: int = 256) -> torch.Tensor:
+    def dense(self, chunk: int = 64) -> torch.Tensor:
         """The full P x P Hessian in float64.
 
         Each data batch builds its gradient graph once; ``chunk`` basis vectors at a time
