@@ -129,7 +129,7 @@ def execute(settings: FinetuneCorrectSettings, run: Run) -> None:
                  len(hessian_data), len(eval_data))
 
     setup = correction.InfluenceSetup(loss_fn=loss_fn, pool=pool, hessian_data=hessian_data, selection=bench.selection,
-                                      solver=make_solver(settings.hvp), damping=settings.hvp.damping, batch_size=cfg.influence_batch_size)
+                                      solver=make_solver(bench.hvp), damping=bench.hvp.damping, batch_size=cfg.influence_batch_size)
     k = settings.knn.resolve_k(len(pool))
     index = _pool_index(settings, model, pool, device, run) if k < len(pool) else None
 
