@@ -36,10 +36,12 @@ def query_gradients(
     device = model_device(model)
     rows = []
     for _, batch in iterate_batches(test, batch_size, device, None, collate_fn):
-        if strategy == "jvp" or resolve_strategy(model, loss_fn, batch, selection, strategy) == "jvp":
+        if strategy == "auto":
+            strategy = resolve_strategy(model, loss_fn, batch, selection)
+        if strategy == "jvp":  # no per-example rule applies: one backward per test point
             rows.append(_gradients_by_backward(model, loss_fn, batch, selection))
         else:
-            rows.append(per_example_gradients(model, loss_fn, batch, selection, strategy if strategy != "jvp" else "auto"))
+            rows.append(per_example_gradients(model, loss_fn, batch, selection, strategy))
     grads = torch.cat(rows)
     if groups is None:
         return grads
