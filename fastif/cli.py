@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import textwrap
+from pathlib import Path
 from typing import NoReturn, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
@@ -81,10 +82,25 @@ def _unknown_command(name: str) -> NoReturn:
     sys.exit(2)
 
 
+def config_source() -> str:
+    """Where Hydra reads the configs: the installed ``fastif.configs`` package, or, when fastif is
+    imported from a source checkout (``python -m fastif`` in the repository root shadows the
+    installed package), the checkout's top-level ``configs/`` folder."""
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec(CONFIG_MODULE) is not None:
+            return f"pkg://{CONFIG_MODULE}"
+    except ModuleNotFoundError:
+        pass
+    checkout = Path(__file__).resolve().parent.parent / "configs"
+    return str(checkout)  # an absolute path: Hydra reads it as a folder
+
+
 def _hydra_app(command: Command):
     import hydra
 
-    @hydra.main(version_base=None, config_path=f"pkg://{CONFIG_MODULE}", config_name=command.config_name)
+    @hydra.main(version_base=None, config_path=config_source(), config_name=command.config_name)
     def app(cfg: DictConfig) -> None:
         run_command(command, cfg)
 
@@ -190,7 +206,6 @@ def _print_error(prefix: str, message: str) -> None:
 def _claim_sweep_dir(outputs: str, command: str, experiment: str) -> str:
     """A fresh multirun folder (claimed with an exclusive mkdir, so concurrent sweeps never share one)."""
     parent = os.path.join(os.path.abspath(os.path.expanduser(str(outputs))), str(command), str(experiment), "multirun")
-    from pathlib import Path
 
     return str(claim_unique_dir(Path(parent), local_now().strftime(TIMESTAMP_FORMAT)))
 
