@@ -121,13 +121,15 @@ def execute(settings: InfluenceSettings, run: Run) -> None:
 
     from fastif.engine.hessian import HessianOperator
     from fastif.engine.solvers import LissaSolver
-    from fastif.models import label_names
+    from fastif.models import label_names, resolve_device
     from fastif.pipeline import SIGN_CONVENTION, Distributed, markdown_report, score_chunk, select_queries
     from fastif.training import predict
     from fastif.workbench import loss_fn, make_solver, open_workbench
 
+    dist = Distributed.from_environment(resolve_device(settings.device))
+    if not dist.is_main:
+        dist.barrier()  # rank 0 first trains the demo model / builds the index if they are missing
     workbench = open_workbench(settings, run, splits=("train", settings.tests.split))
-    dist = Distributed.from_environment(workbench.device)
     hvp = workbench.hvp
     train, test = workbench.data["train"], workbench.data[settings.tests.split]
     test_frame, train_frame = workbench.frames[settings.tests.split], workbench.frames["train"]
@@ -138,7 +140,10 @@ def execute(settings: InfluenceSettings, run: Run) -> None:
     if not queries:
         raise ConfigError(f"No test point of split '{settings.tests.split}' matches tests.mode={settings.tests.mode}. "
                           f"Fix: choose another mode (e.g. tests.mode=first) or split.")
-    candidates, distances = dist.broadcast(_candidates(settings, workbench, queries, run) if dist.is_main else None)
+    if dist.is_main:
+        found = _candidates(settings, workbench, queries, run)
+        dist.barrier()
+    candidates, distances = dist.broadcast(found if dist.is_main else None)
 
     operator = HessianOperator(workbench.model, loss_fn, train, workbench.selection, batch_size=64)
     solver = make_solver(hvp, chains=math.ceil(hvp.chains / dist.world_size))
