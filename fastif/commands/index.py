@@ -33,11 +33,12 @@ SCHEMA = IndexSettings
 
 def index_expectation(settings: ExperimentSettings, workbench) -> dict:
     """The provenance an index must match to serve this model and training pool."""
-    from fastif.knn import FeatureSpec, checkpoint_hash, dataset_fingerprint
+    from fastif.knn import FeatureSpec, checkpoint_hash, dataset_fingerprint, state_dict_hash
 
     frame = workbench.frames["train"]
+    local = Path(workbench.model_source).exists()  # a hub id has no files here: hash the loaded weights
     return {
-        "model_hash": checkpoint_hash(workbench.model_source),
+        "model_hash": checkpoint_hash(workbench.model_source) if local else state_dict_hash(workbench.model),
         "dataset_fingerprint": dataset_fingerprint(list(frame["id"]), frame[["premise", "hypothesis", "label"]]),
         "feature_spec": FeatureSpec.from_config(settings.knn).to_dict(),
     }
