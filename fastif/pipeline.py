@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -178,7 +178,6 @@ class ChunkResult:
     influence: pd.DataFrame
     tests: pd.DataFrame
     seconds: float = 0.0
-    notes: dict = field(default_factory=dict)
 
 
 def score_chunk(
@@ -297,8 +296,7 @@ def score_chunk(
             "chunk": chunk,
         })
     influence = pd.DataFrame(rows, columns=INFLUENCE_COLUMNS)
-    return ChunkResult(influence=influence, tests=pd.DataFrame(tests, columns=TESTS_COLUMNS), seconds=seconds,
-                       notes={"chains": n_chains, "scale": solve.details.get("scale"), "effective_damping": solve.effective_damping})
+    return ChunkResult(influence=influence, tests=pd.DataFrame(tests, columns=TESTS_COLUMNS), seconds=seconds)
 
 
 def _query_label_pred(query: Query, frame: pd.DataFrame, probs: np.ndarray) -> tuple:

@@ -173,7 +173,7 @@ def main() -> None:
         rows += bench(name, model, train, test, patterns, k, args.reference_t)
         last = "bert.encoder.layer.1" if key == "bert" else f"bert.encoder.layer.{model.config.num_hidden_layers - 1}"
         rows += bench_accuracy(name, model, train, test, [f"{last}.output.LayerNorm.*", "classifier.*"])
-    print(f"\n| model | measurement | seconds or ratio | x forward floor |\n|---|---|---:|---:|")
+    print("\n| model | measurement | seconds or ratio | x forward floor |\n|---|---|---:|---:|")
     for model_name, what, value, ratio in rows:
         shown = f"{value:.2f}x" if "speed-up" in what else f"{value:.3f} s"
         print(f"| {model_name} | {what} | {shown} | {'' if ratio is None else f'{ratio:.2f}'} |")

@@ -105,7 +105,7 @@ def main() -> None:
         top_fast = set(candidates[i][torch.argsort(fast_scores[i])[:10]].tolist())
         top_full = set(candidates[i][torch.argsort(shared)[:10]].tolist())
         overlap.append(len(top_fast & top_full) / 10)
-    print(f"| N | k | test points | kNN FastIF s/test | full scan s/test | speed-up | Spearman (shared) | top-10 overlap | index build s |")
+    print("| N | k | test points | kNN FastIF s/test | full scan s/test | speed-up | Spearman (shared) | top-10 overlap | index build s |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| {args.n_train:,} | {k} | {t} | {fast_seconds / t:.3f} | {full_seconds / t:.2f} | {full_seconds / fast_seconds:.0f}x | "
           f"{np.mean(spearman):.3f} | {np.mean(overlap):.2f} | {index_seconds:.1f} |")
