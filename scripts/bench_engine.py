@@ -23,6 +23,7 @@ import time
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
+from fastif.data.encoding import EncodedDataset
 from fastif.engine.hessian import HessianOperator, smallest_eigenvalue
 from fastif.engine.hf import classifier_logits, sequence_classification_loss
 from fastif.engine.params import select_parameters
@@ -31,18 +32,7 @@ from fastif.engine.scoring import query_gradients, score_candidates
 from fastif.engine.solvers import CGSolver, ExactSolver, LissaSolver
 
 
-class DictDataset(torch.utils.data.Dataset):
-    def __init__(self, **tensors):
-        self.tensors = tensors
-
-    def __len__(self):
-        return len(next(iter(self.tensors.values())))
-
-    def __getitem__(self, i):
-        return {k: v[i] for k, v in self.tensors.items()}
-
-
-def random_text_data(n: int, length: int, vocab: int, seed: int) -> DictDataset:
+def random_text_data(n: int, length: int, vocab: int, seed: int) -> EncodedDataset:
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(length // 2, length + 1, (n,), generator=gen)
     ids = torch.zeros(n, length, dtype=torch.long)
@@ -50,7 +40,8 @@ def random_text_data(n: int, length: int, vocab: int, seed: int) -> DictDataset:
     for i, l in enumerate(lengths.tolist()):
         ids[i, :l] = torch.randint(5, vocab, (l,), generator=gen)
         mask[i, :l] = 1
-    return DictDataset(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids), labels=(ids[:, 1] % 2))
+    tensors = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids), "labels": ids[:, 1] % 2}
+    return EncodedDataset(tensors, [f"random-{i}" for i in range(n)])
 
 
 def bert_shaped():

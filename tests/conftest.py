@@ -37,6 +37,25 @@ def cli_env(outputs: Path) -> dict[str, str]:
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op torch thread for the test: tiny models run faster so, and a busy machine cannot stall them."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The demo's word-level tokenizer."""
+    from fastif.data.demo import demo_tokenizer
+
+    return demo_tokenizer()
+
+
+@pytest.fixture
 def outputs(tmp_path: Path) -> Path:
     """The run-folder root (FASTIF_OUTPUTS) of this test."""
     path = tmp_path / "outputs"

@@ -6,24 +6,13 @@ import pytest
 import torch
 
 from fastif.config import ModelConfig
-from fastif.data.demo import demo_tokenizer, generate_split
+from fastif.data.demo import generate_split
 from fastif.data.encoding import encode
 from fastif.errors import ConfigError, InputError
 from fastif.models import apply_trainable, build_demo_model, load_classifier, resolve_device
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The models are tiny: one intra-op thread is faster, and immune to a busy machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return demo_tokenizer()
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures one_thread and tokenizer: conftest.py
 
 
 @pytest.fixture(scope="module")

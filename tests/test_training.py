@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from fastif.config import DataConfig, ModelConfig, TrainConfig
 from fastif.data import load_splits
-from fastif.data.demo import demo_tokenizer, generate_split
+from fastif.data.demo import generate_split
 from fastif.data.encoding import encode
 from fastif.errors import ConfigError, InputError
 from fastif.models import apply_trainable, build_demo_model
@@ -21,18 +21,7 @@ from fastif.training import evaluate, predict, train_classifier
 MAX_LENGTH = 48
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The models are tiny: one intra-op thread is faster, and immune to a busy machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return demo_tokenizer()
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures one_thread and tokenizer: conftest.py
 
 
 @pytest.fixture(scope="module")
