@@ -130,6 +130,15 @@ def bench(name, model, train, test, patterns, k: int, reference_t: int):
     emit(rows, (name, "s_test T=16: 16 sequential LiSSA solves (depth 100, bs 8)", seq_s, None))
     emit(rows, (name, "s_test T=16: one multi-RHS LiSSA solve", multi_s, None))
     emit(rows, (name, "s_test T=16: speed-up multi-RHS vs sequential", seq_s / multi_s, None))
+    # The ceiling of that speed-up: one minibatch HVP for 16 vectors at once vs for 1 vector. Only the
+    # forward and the first backward are shared; each vector still costs its own double backward.
+    idx = list(range(lissa.batch_size))
+    one_vector = grads[:1].clone()
+    _, hvp_1 = timed(lambda: op.minibatch_matvec(one_vector, idx), repeats=5)
+    _, hvp_16 = timed(lambda: op.minibatch_matvec(grads[:16], idx), repeats=5)
+    emit(rows, (name, f"one minibatch HVP (bs {lissa.batch_size}): 1 vector", hvp_1, None))
+    emit(rows, (name, f"one minibatch HVP (bs {lissa.batch_size}): 16 vectors at once", hvp_16, None))
+    emit(rows, (name, "s_test T=16: speed-up ceiling 16 x HVP(1) / HVP(16)", 16 * hvp_1 / hvp_16, None))
     return rows
 
 
