@@ -223,16 +223,20 @@ def test_nli_pack_root_pool_and_concatenated_splits():
 # ------------------------------------------------------------------------------------------------
 
 
+def _finetune_correct_demo(tmp_path, *overrides: str, timeout: int) -> Path:
+    """Run `fastif finetune-correct` on the demo with ``overrides``; the run folder."""
+    env = dict(os.environ, FASTIF_OUTPUTS=str(tmp_path), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "fastif", "finetune-correct", *overrides], env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return Path(tmp_path) / "finetune-correct" / "demo" / "latest"
+
+
 @pytest.mark.slow
 def test_finetune_correct_demo_end_to_end(tmp_path):
-    env = dict(os.environ, FASTIF_OUTPUTS=str(tmp_path), OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "fastif", "finetune-correct", "correct.replicas=2", "correct.rounds=2",
-               "correct.anchors_per_group=4", "correct.m=3", "correct.arms=[helpful,harmful,random,anchors]",
-               "correct.hessian_examples=300", "correct.eval_examples=200", "correct.heldout_examples=150", "data.demo_train_size=1000",
-               "data.demo_eval_size=600"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    run_dir = Path(tmp_path) / "finetune-correct" / "demo" / "latest"
+    run_dir = _finetune_correct_demo(tmp_path, "correct.replicas=2", "correct.rounds=2",
+                                     "correct.anchors_per_group=4", "correct.m=3", "correct.arms=[helpful,harmful,random,anchors]",
+                                     "correct.hessian_examples=300", "correct.eval_examples=200", "correct.heldout_examples=150",
+                                     "data.demo_train_size=1000", "data.demo_eval_size=600", timeout=300)
     results = pd.read_parquet(run_dir / "results.parquet")
     assert list(results.columns) == list(C.RESULT_COLUMNS)
     assert set(results["arm"]) == {"helpful", "harmful", "random", "anchors"}
@@ -262,10 +266,8 @@ def test_finetune_correct_demo_helpful_beats_random_and_harmful_is_below(tmp_pat
     """The demo experiment as shipped (configs/correct/demo.yaml: 5 replicas, 10 rounds): fine-tuning on
     the helpful pool examples raises held-out challenge accuracy more than random ones, with the 95%
     interval of the difference above 0, and harmful ones lower it. About 5 minutes on 2 CPU cores."""
-    env = dict(os.environ, FASTIF_OUTPUTS=str(tmp_path), OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "fastif", "finetune-correct"], env=env, capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    summary = json.loads((Path(tmp_path) / "finetune-correct" / "demo" / "latest" / "summary.json").read_text())
+    run_dir = _finetune_correct_demo(tmp_path, timeout=1200)
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["replicas"] == 5 and summary["rounds"] == 10
     helpful = summary["vs_random"]["helpful"][C.CHALLENGE]
     harmful = summary["vs_random"]["harmful"][C.CHALLENGE]
